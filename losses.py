@@ -43,13 +43,16 @@ def sample_hard_negatives(sim, ids):
     softmax(sim) over the pairs of DIFFERENT images. One multinomial call per direction: no Python loop
     and no host sync (the official code loops over samples)."""
     same = ids[:, None] == ids[None, :]                                 # (B, B) positives incl. diagonal
-    w_i2t = F.softmax(sim.float(), dim=1).masked_fill(same, 0)          # image -> candidate texts
-    w_t2i = F.softmax(sim.float().t(), dim=1).masked_fill(same, 0)      # text -> candidate images
+    # Mask BEFORE the softmax: at a small temperature the positive takes all the mass and every
+    # negative underflows to 0, which would send the row to the uniform fallback below.
+    w_i2t = F.softmax(sim.float().masked_fill(same, float("-inf")), dim=1)      # image -> candidate texts
+    w_t2i = F.softmax(sim.float().t().masked_fill(same, float("-inf")), dim=1)  # text -> candidate images
     # A batch where every sample shows the same image has no negative: fall back to "anything but
-    # yourself" rather than crash (multinomial rejects an all-zero row).
+    # yourself" rather than crash (multinomial rejects an all-zero or NaN row).
     eye = torch.eye(len(ids), dtype=torch.bool, device=sim.device)
-    w_i2t = torch.where(w_i2t.sum(1, keepdim=True) > 0, w_i2t, (~eye).float())
-    w_t2i = torch.where(w_t2i.sum(1, keepdim=True) > 0, w_t2i, (~eye).float())
+    has_neg = (~same).any(1, keepdim=True)                              # (B, 1); `same` is symmetric
+    w_i2t = torch.where(has_neg, w_i2t, (~eye).float())
+    w_t2i = torch.where(has_neg, w_t2i, (~eye).float())
     neg_txt = torch.multinomial(w_i2t, 1).squeeze(1)
     neg_img = torch.multinomial(w_t2i, 1).squeeze(1)
     return neg_img, neg_txt

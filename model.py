@@ -309,11 +309,15 @@ class SIMLA(SIMLANet):
     def set_trainable(self, terms):
         """Freeze parameters that the enabled loss terms never touch, so DDP needs no unused-parameter
         search and the optimizer carries no dead state (e.g. `--losses itc` trains no cross-attention)."""
-        fusion = bool({"itm", "mlm", "psl", "mim"} & set(terms))
+        # PSL fuses only in the momentum model; the online side is image encoder -> vision_proj -> head.
+        fusion, text = bool({"itm", "mlm", "mim"} & set(terms)), bool({"itc", "itm", "mlm", "mim"} & set(terms))
         for name, p in self.named_parameters():
             if name.startswith("momentum."):
                 continue
             used = not ((".cross_attn." in name or ".norm_cross." in name) and not fusion
+                        or name.startswith("text.") and not text
+                        or name.startswith(("text_proj", "temp")) and "itc" not in terms
+                        or name.startswith("vision_proj") and not {"itc", "psl"} & set(terms)
                         or name.startswith("itm_head") and "itm" not in terms
                         or name.startswith(("mlm_transform", "mlm_bias")) and "mlm" not in terms
                         or name.startswith(("mim_head", "image_encoder.mask_token")) and "mim" not in terms

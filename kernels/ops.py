@@ -45,7 +45,7 @@ def _world():
 def all_gather_nograd(x):
     """(B, ...) on each rank -> (world * B, ...) in rank order; no gradient (momentum features, eval)."""
     if _world() == 1:
-        return x
+        return x.detach()  # the same contract as with several ranks: the result never carries a graph
     out = [torch.empty_like(x) for _ in range(_world())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
