@@ -27,13 +27,19 @@ def itc_loss(image_feat, text_feat, image_keys, text_keys, image_feat_m, text_fe
     """
     pos = (ids[:, None] == keys_id[None, :]).float()                   # (B, K)
     onehot = pos / pos.sum(1, keepdim=True)                             # uniform over the positives
+    # Never-filled slots are no keys at all. (ALBEF fills the queue with random unit vectors instead:
+    # from scratch, those easy negatives teach every feature to huddle away from them, and the
+    # collapsed features never separate; see the README, "What differs".)
+    empty = (keys_id < 0)[None, :]                                      # (1, K)
+    def sims(q, k):
+        return (q @ k.t() / temp).float().masked_fill(empty, float("-inf"))  # (B, K)
     with torch.no_grad():
-        t_i2t = alpha * F.softmax(image_feat_m @ text_keys.t() / temp, dim=1) + (1 - alpha) * onehot
-        t_t2i = alpha * F.softmax(text_feat_m @ image_keys.t() / temp, dim=1) + (1 - alpha) * onehot
-    sim_i2t = image_feat @ text_keys.t() / temp                         # (B, K)
-    sim_t2i = text_feat @ image_keys.t() / temp                         # (B, K)
-    loss_i2t = -(F.log_softmax(sim_i2t.float(), dim=1) * t_i2t).sum(1).mean()
-    loss_t2i = -(F.log_softmax(sim_t2i.float(), dim=1) * t_t2i).sum(1).mean()
+        t_i2t = alpha * F.softmax(sims(image_feat_m, text_keys), dim=1) + (1 - alpha) * onehot
+        t_t2i = alpha * F.softmax(sims(text_feat_m, image_keys), dim=1) + (1 - alpha) * onehot
+    sim_i2t, sim_t2i = sims(image_feat, text_keys), sims(text_feat, image_keys)  # (B, K) each
+    # nan_to_num: -inf * 0 at the empty slots must count as 0, not NaN.
+    loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * t_i2t).nan_to_num(0.0).sum(1).mean()
+    loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * t_t2i).nan_to_num(0.0).sum(1).mean()
     return (loss_i2t + loss_t2i) / 2
 
 

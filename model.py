@@ -44,11 +44,14 @@ class ModelConfig:
 
 
 PRESETS = {
-    # Trains usefully on 2 CPU cores in minutes: 64 px, 8 px patches -> 64 patches, 4 + 4 layers.
-    "tiny": ModelConfig(),
+    # Trains usefully on 2 CPU cores in minutes: 64 px, 8 px patches -> 64 patches, 4 + 4 layers of 128.
+    # From scratch and for a few hundred steps, a queue and a slow EMA let ITC collapse (README, "What
+    # differs"), so tiny contrasts against the batch only and its momentum model follows faster.
+    "tiny": ModelConfig(width=128, heads=4, queue_size=0, momentum=0.99),
     "small": ModelConfig(img_size=128, patch_size=16, width=384, vision_layers=6, text_layers=6, heads=6,
-                         embed_dim=256, queue_size=16384),
-    # The paper's sizes: ViT-B/16 at 256 px, 12-layer width-768 single-stream stack, ITC dim 256.
+                         embed_dim=256, queue_size=0, momentum=0.99),
+    # The paper's sizes: ViT-B/16 at 256 px, 12-layer width-768 single-stream stack, ITC dim 256, queue
+    # 65,536, momentum 0.995 (meant to start from DeiT weights: --init-vit).
     "base": ModelConfig(img_size=256, patch_size=16, width=768, vision_layers=12, text_layers=12, heads=12,
                         vocab_size=30522, max_len=32, embed_dim=256, queue_size=65536),
 }
@@ -195,14 +198,18 @@ class TextStack(nn.Module):
         C, self.cfg = cfg.width, cfg
         self.tok_embed = nn.Embedding(cfg.vocab_size, C)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.max_len, C))
-        self.embed_norm = nn.LayerNorm(C, eps=1e-6)  # embeddings are also MIM memory: keep them unit-scale
+        # Normalises the token embeddings only where they serve as MIM memory (image->text mode), so
+        # that memory is unit-scale like the image encoder's output. The stack's own input stays raw
+        # (GPT-2 style, std 0.02): a LayerNorm there would make the CLS embedding ~50x larger than what
+        # attention adds to it at init, and every caption would start with the same feature (cos 1.0).
+        self.embed_norm = nn.LayerNorm(C, eps=1e-6)
         self.blocks = nn.ModuleList(Block(C, cfg.heads, cfg.mlp_ratio, cross=True)
                                     for _ in range(cfg.text_layers))
         self.norm = nn.LayerNorm(C, eps=1e-6)
 
     def embed(self, ids):
         """ids (B, T) -> (B, T, C): the caption's token embeddings (uncontextualised)."""
-        return self.embed_norm(self.tok_embed(ids) + self.pos_embed[:, :ids.shape[1]])
+        return self.tok_embed(ids) + self.pos_embed[:, :ids.shape[1]]
 
     def forward(self, x, mask=None, memory=None, memory_mask=None, probs_layer=None):
         x, sp, cp = run_blocks(self.blocks, x, self.cfg.grad_ckpt, probs_layer, mask=mask, memory=memory,
@@ -219,7 +226,10 @@ class SIMLANet(nn.Module):
         C, self.cfg = cfg.width, cfg
         self.image_encoder = VisionTransformer(cfg)
         self.text = TextStack(cfg)
-        self.vision_proj, self.text_proj = nn.Linear(C, cfg.embed_dim), nn.Linear(C, cfg.embed_dim)
+        # No bias, as in CLIP: features are unit-normalised, and Adam moves a shared bias by ~lr per
+        # step, fast enough to swamp the small feature differences of a model trained from scratch.
+        self.vision_proj = nn.Linear(C, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(C, cfg.embed_dim, bias=False)
         self.itm_head = nn.Linear(C, 2)
         # MLM: transform then a decoder tied to the token embedding (BERT style; V x C parameters saved).
         self.mlm_transform = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.LayerNorm(C, eps=1e-6))
@@ -241,7 +251,8 @@ class SIMLANet(nn.Module):
 
     def fuse_image(self, image_embeds, ids, mask):
         """image->text mode: image tokens query the caption's token embeddings -> (B, 1 + N, C)."""
-        return self.text(image_embeds, None, memory=self.text.embed(ids), memory_mask=mask)[0]
+        memory = self.text.embed_norm(self.text.embed(ids))  # (B, T, C), not contextualised (SIMLA.md)
+        return self.text(image_embeds, None, memory=memory, memory_mask=mask)[0]
 
     # --- heads --------------------------------------------------------------------------------
     def image_feat(self, image_embeds):
@@ -294,8 +305,9 @@ class SIMLA(SIMLANet):
         self.momentum = momentum.requires_grad_(False)
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
         # ITC queues of momentum features and their image ids (ids make repeated images positives).
-        self.register_buffer("image_queue", F.normalize(torch.randn(cfg.queue_size, cfg.embed_dim), dim=1))
-        self.register_buffer("text_queue", F.normalize(torch.randn(cfg.queue_size, cfg.embed_dim), dim=1))
+        # Slots start empty (id -1) and are left out of the contrast until written (losses.itc_loss).
+        self.register_buffer("image_queue", torch.zeros(cfg.queue_size, cfg.embed_dim))
+        self.register_buffer("text_queue", torch.zeros(cfg.queue_size, cfg.embed_dim))
         self.register_buffer("id_queue", torch.full((cfg.queue_size,), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
@@ -320,7 +332,8 @@ class SIMLA(SIMLANet):
                         or name.startswith("vision_proj") and not {"itc", "psl"} & set(terms)
                         or name.startswith("itm_head") and "itm" not in terms
                         or name.startswith(("mlm_transform", "mlm_bias")) and "mlm" not in terms
-                        or name.startswith(("mim_head", "image_encoder.mask_token")) and "mim" not in terms
+                        or name.startswith(("mim_head", "image_encoder.mask_token", "text.embed_norm"))
+                        and "mim" not in terms
                         or name.startswith("concept_head") and "psl" not in terms)
             p.requires_grad_(used)
 
@@ -340,6 +353,8 @@ class SIMLA(SIMLANet):
         queue size need not divide the global batch (the official code asserts it does)."""
         img, txt, ids = all_gather_nograd(image_feat_m), all_gather_nograd(text_feat_m), all_gather_nograd(image_id)
         K, n = self.cfg.queue_size, min(img.shape[0], self.cfg.queue_size)
+        if K == 0:  # queue_size 0: contrast against the (global) batch only
+            return
         slots = (self.queue_ptr + torch.arange(n, device=img.device)) % K  # (n,), wraps around
         self.image_queue[slots], self.text_queue[slots], self.id_queue[slots] = img[-n:].to(self.image_queue.dtype), \
             txt[-n:].to(self.text_queue.dtype), ids[-n:]

@@ -1,6 +1,7 @@
 """losses.py: every objective against a slow, loop-by-loop restatement of its formula (SIMLA.md,
 "Objectives"), plus the model-level facts the losses rely on (queue, masks, which parameters learn)."""
 import math
+import os
 
 import pytest
 import torch
@@ -20,8 +21,12 @@ def _unit(*shape, seed):
 # ---------------------------------------------------------------------------------------------
 def itc_reference(image_feat, text_feat, image_keys, text_keys, image_feat_m, text_feat_m, ids, keys_id, temp,
                   alpha):
-    """Both directions, one query and one key at a time, in float64 Python arithmetic."""
-    B, K, total = len(ids), len(keys_id), 0.0
+    """Both directions, one query and one key at a time, in float64 Python arithmetic. Slots with a
+    negative id were never filled: they are no keys at all (left out of both softmaxes)."""
+    B, total = len(ids), 0.0
+    live = [j for j in range(len(keys_id)) if int(keys_id[j]) >= 0]
+    image_keys, text_keys, keys_id = image_keys[live], text_keys[live], keys_id[live]
+    K = len(live)
     for q, keys, q_m in ((image_feat, text_keys, image_feat_m), (text_feat, image_keys, text_feat_m)):
         for i in range(B):
             pos = [j for j in range(K) if int(keys_id[j]) == int(ids[i])]
@@ -64,13 +69,16 @@ def test_itc_loss_matches_loop(alpha, case):
 
 
 def test_itc_positive_sets():
-    """Duplicates are positives, -1 slots never are: checked against explicit id relabelling."""
+    """Duplicates are positives, -1 slots are not keys at all: checked against explicit relabelling."""
     args = list(_itc_inputs(queue_ids=[-1] * 6))
     temp = torch.tensor(0.07)
     base = L.itc_loss(*args, temp, 0.0)
-    # -1 slots behave exactly like slots of an image absent from the batch (negatives)...
+    # -1 slots are left out entirely: the same loss as with no queue at all...
+    no_queue = [a[:4] if a.shape[0] == 10 else a for a in args]
+    torch.testing.assert_close(L.itc_loss(*no_queue, temp, 0.0), base)
+    # ...and unlike slots of an image absent from the batch, which are negatives.
     args_absent = args[:-1] + [torch.cat([args[-1][:4], torch.full((6,), 999)])]
-    torch.testing.assert_close(L.itc_loss(*args_absent, temp, 0.0), base)
+    assert L.itc_loss(*args_absent, temp, 0.0).item() > base.item() + 1e-3
     # ...and relabelling a queue slot with a batch id changes the loss (it became a positive).
     args_pos = args[:-1] + [torch.cat([args[-1][:4], torch.tensor([0, -1, -1, -1, -1, -1])])]
     assert abs(L.itc_loss(*args_pos, temp, 0.0).item() - base.item()) > 1e-3
@@ -512,3 +520,49 @@ def test_forward_wires_every_term():
         ref = L.psl_loss(model.concept_logits(img), targets, torch.sigmoid(m.concept_logits(img_m)), alpha)
         torch.testing.assert_close(out["psl"], ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(out["loss"], sum(out[k] for k in ("itc", "itm", "mlm", "mim", "psl")))
+
+
+# ------------------------------------------------------------------------------------------------
+# Under DDP: every rank's queue holds the GLOBAL batch's momentum features, identically everywhere,
+# and the ITC keys of each rank are the gathered batch (SIMLA.md "ITC"; issue: queue filled from all ranks).
+# ------------------------------------------------------------------------------------------------
+def _queue_worker(rank, port, out_dir):
+    import torch.distributed as dist
+    from model import SIMLA
+    from conftest import make_batch, tiny_cfg
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)                       # same weights on both ranks, as DDP guarantees
+        cfg = tiny_cfg(queue_size=7)               # 7 is not divisible by the global batch of 6
+        model = SIMLA(cfg)
+        feats = []
+        for step in range(2):                      # 2 steps x 6 = 12 > 7: wraps around
+            batch = make_batch(cfg, B=3, seed=10 * step + rank, ids=[3 * rank + i + 100 * step for i in range(3)])
+            with torch.no_grad():
+                feats.append(model.momentum.image_feat(model.momentum.encode_image(batch["image"])))
+            model(batch, 0.0, ("itc",))
+        torch.save({"image_queue": model.image_queue, "id_queue": model.id_queue, "ptr": model.queue_ptr,
+                    "feats": torch.stack(feats)}, os.path.join(out_dir, f"q{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_queue_agrees_across_ranks_two_process_gloo(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_queue_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    q = [torch.load(tmp_path / f"q{r}.pt", weights_only=True) for r in range(2)]
+    for key in ("image_queue", "id_queue", "ptr"):
+        torch.testing.assert_close(q[0][key], q[1][key], rtol=0, atol=0)
+    # Step 0 wrote slots 0..5 with [rank 0 batch, rank 1 batch]; step 1 wrote 6,0,1,2,3,4 -> ptr 5.
+    step1 = torch.cat([q[0]["feats"][1], q[1]["feats"][1]])      # (6, E) in rank order
+    step0 = torch.cat([q[0]["feats"][0], q[1]["feats"][0]])
+    expected_ids = torch.tensor([101, 102, 103, 104, 105, 5, 100])
+    torch.testing.assert_close(q[0]["id_queue"], expected_ids, rtol=0, atol=0)
+    torch.testing.assert_close(q[0]["image_queue"][[6, 0, 1, 2, 3, 4]], step1, rtol=0, atol=1e-6)
+    torch.testing.assert_close(q[0]["image_queue"][5], step0[5], rtol=0, atol=1e-6)
+    assert int(q[0]["ptr"]) == 5

@@ -364,8 +364,8 @@ def _param_count(c: ModelConfig):
     vit = 3 * C * c.patch_size ** 2 + C + 2 * C + (1 + N) * C  # patch conv, cls + mask tokens, positions
     vit += c.vision_layers * (self_attn + mlp + 2 * ln) + ln  # blocks, final norm
     text = c.vocab_size * C + c.max_len * C + ln + c.text_layers * (self_attn + cross_attn + mlp + 3 * ln) + ln
-    heads = 2 * lin(C, c.embed_dim) + lin(C, 2) + lin(C, C) + ln + c.vocab_size + lin(C, Ppx) + \
-        lin(c.embed_dim, c.vocab_size) + 1  # projections, ITM, MLM transform + bias, MIM, concept, temp
+    heads = 2 * C * c.embed_dim + lin(C, 2) + lin(C, C) + ln + c.vocab_size + lin(C, Ppx) + \
+        lin(c.embed_dim, c.vocab_size) + 1  # projections (no bias, as CLIP), ITM, MLM transform + bias, MIM, concept, temp
     return vit, text, vit + text + heads
 
 
