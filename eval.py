@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
@@ -425,10 +426,68 @@ def convert_main(argv):
     print(f"wrote {convert_refcoco(a.refcoco, a.dets, a.out, a.refer_dir, a.image_root)} entries to {a.out}")
 
 
+# ---------------------------------------------------------------------------------------------------
+# Ablation summary: `python eval.py summarize runs/abl/* --plot ablation.png` reads each run's final
+# metrics from its log.jsonl, groups runs by name without the trailing "_s<seed>", and reports
+# mean +- std over seeds (README, "Does XMM + PSL help?").
+# ---------------------------------------------------------------------------------------------------
+def summarize(run_dirs, keys=("tr_r1", "ir_r1", "r_mean", "grounding_acc")):
+    groups = {}
+    for run in sorted(run_dirs):
+        evals = [json.loads(line) for line in open(os.path.join(run, "log.jsonl")) if '"eval"' in line]
+        if evals:
+            name = re.sub(r"_s\d+$", "", os.path.basename(os.path.normpath(run)))
+            groups.setdefault(name, []).append(evals[-1]["eval"])
+    rows = {}
+    for name, ms in groups.items():
+        rows[name] = {k: (float(np.mean([m.get(k, np.nan) for m in ms])), float(np.std([m.get(k, np.nan) for m in ms])))
+                      for k in keys}
+        rows[name]["seeds"] = len(ms)
+    return rows
+
+
+def summary_table(rows, keys=("tr_r1", "ir_r1", "r_mean", "grounding_acc")):
+    lines = ["| run | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['seeds']} | " + " | ".join(f"{r[k][0]:.1f} ± {r[k][1]:.1f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def draw_summary(path, rows, key="r_mean", width=560, bar=26):
+    """Horizontal bars of `key` (mean, with a +-std whisker), PIL only."""
+    top = max(max(r[key][0] + r[key][1] for r in rows.values()), 1e-6)
+    img = Image.new("RGB", (width, 40 + bar * len(rows) * 3 // 2), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), f"{key} (mean over seeds, whisker = std)", fill="black")
+    for i, (name, r) in enumerate(rows.items()):
+        y, (mean, std) = 34 + i * bar * 3 // 2, r[key]
+        x0, scale = 200, (width - 260) / top
+        d.text((10, y + 6), name[:30], fill="black")
+        d.rectangle([x0, y, x0 + mean * scale, y + bar], fill=(70, 130, 180))
+        d.line([x0 + (mean - std) * scale, y + bar // 2, x0 + (mean + std) * scale, y + bar // 2], fill="black", width=2)
+        d.text((x0 + mean * scale + 6, y + 6), f"{mean:.1f}", fill="black")
+    img.save(path)
+
+
+def summarize_main(argv):
+    p = argparse.ArgumentParser(description="tabulate the final metrics of several runs (mean +- std over seeds)")
+    p.add_argument("runs", nargs="+", help="run directories; NAME_s<seed> folders are grouped by NAME")
+    p.add_argument("--plot", default=None, help="write a bar chart of r_mean here (PNG)")
+    a = p.parse_args(argv)
+    rows = summarize(a.runs)
+    if not rows:
+        sys.exit("eval.py summarize: no run with an evaluation in its log.jsonl")
+    print(summary_table(rows))
+    if a.plot:
+        draw_summary(a.plot, rows)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["refcoco-convert"]:
         return convert_main(argv[1:])
+    if argv[:1] == ["summarize"]:
+        return summarize_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="ckpt_*.pt written by train.py, or its run directory (newest)")
     p.add_argument("--data", required=True, help="retrieval or grounding JSON (data.py formats)")

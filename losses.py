@@ -144,10 +144,12 @@ def psl_targets(cls_attn, ids, valid, vocab_size, per_head=4, keep=5):
 
 
 def psl_loss(logits, targets, soft_m=None, alpha=0.0):
-    """Multi-label BCE of the concept head; soft_m = sigmoid of the momentum concept head.
-    Summed over the vocabulary and divided by the number of keywords: a mean over all B x V entries
-    would shrink the loss (and its gradient) by V / 5 ~ 1000x, where 5 of V words are positive."""
-    n = targets.sum().clamp(min=1)
-    bce = lambda t: F.binary_cross_entropy_with_logits(logits.float(), t, reduction="sum") / n
-    hard = bce(targets)
-    return hard if soft_m is None or alpha == 0 else (1 - alpha) * hard + alpha * bce(soft_m.float())
+    """Multi-label BCE of the concept head, averaged over all B x V entries; soft_m = sigmoid of the
+    momentum concept head. Why the plain mean: the concept head's first job is the keyword marginals,
+    and a loss scaled per keyword (sum over V / #keywords, ~V/5 times larger) made that job's gradient
+    dominate the image feature it shares with ITC: from scratch, every image feature collapsed onto the
+    "average keywords" direction and ITC never left log(batch) (measured; README, "What differs")."""
+    hard = F.binary_cross_entropy_with_logits(logits.float(), targets)
+    if soft_m is None or alpha == 0:
+        return hard
+    return (1 - alpha) * hard + alpha * F.binary_cross_entropy_with_logits(logits.float(), soft_m.float())

@@ -352,6 +352,10 @@ class SIMLA(SIMLANet):
         """Write the GLOBAL batch's momentum features into the ring buffer, wrapping around, so the
         queue size need not divide the global batch (the official code asserts it does)."""
         img, txt, ids = all_gather_nograd(image_feat_m), all_gather_nograd(text_feat_m), all_gather_nograd(image_id)
+        # A step whose loss is non-finite is skipped by train.py, but its forward already ran: rows with
+        # non-finite features enter as empty slots (id -1), so they can never poison later steps.
+        ok = torch.isfinite(img).all(1) & torch.isfinite(txt).all(1)
+        img, txt, ids = img.nan_to_num(0.0), txt.nan_to_num(0.0), torch.where(ok, ids, -1)
         K, n = self.cfg.queue_size, min(img.shape[0], self.cfg.queue_size)
         if K == 0:  # queue_size 0: contrast against the (global) batch only
             return

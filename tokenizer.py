@@ -136,7 +136,9 @@ class Tokenizer:
             counts.pop(pair, None)
             for p in changed - {pair}:
                 heapq.heappush(heap, (-counts[p], p))
-        return cls(ranks)
+        tok = cls(ranks)
+        tok.requested = vocab_size  # a small corpus can run out of merges before reaching it
+        return tok
 
     def save(self, dir) -> None:
         """tiktoken's text format (one "base64(token bytes) rank" line per token) + a JSON of specials."""
@@ -144,7 +146,8 @@ class Tokenizer:
         d.mkdir(parents=True, exist_ok=True)
         lines = (f"{base64.b64encode(b).decode()} {r}" for b, r in sorted(self.ranks.items(), key=lambda x: x[1]))
         (d / RANKS_FILE).write_text("\n".join(lines) + "\n")
-        meta = {"name": self.name, "pat_str": self.pat_str, "special_tokens": dict(zip(SPECIALS, self.special_ids))}
+        meta = {"name": self.name, "pat_str": self.pat_str, "special_tokens": dict(zip(SPECIALS, self.special_ids)),
+                "requested_vocab_size": getattr(self, "requested", self.vocab_size)}
         (d / SPECIALS_FILE).write_text(json.dumps(meta, indent=1) + "\n")
 
     @classmethod
@@ -157,7 +160,9 @@ class Tokenizer:
         ranks = {base64.b64decode(b64): int(r) for b64, r in
                  (line.split() for line in (d / RANKS_FILE).read_text().splitlines() if line)}
         meta = json.loads((d / SPECIALS_FILE).read_text())
-        return cls(ranks, meta["pat_str"], n_bpe=meta["special_tokens"]["[CLS]"], name=meta["name"])
+        tok = cls(ranks, meta["pat_str"], n_bpe=meta["special_tokens"]["[CLS]"], name=meta["name"])
+        tok.requested = meta.get("requested_vocab_size", tok.vocab_size)
+        return tok
 
     def encode(self, text: str) -> list[int]:
         """Normalized caption -> BPE ids, no specials. encode_ordinary treats "[MASK]" as plain text."""
@@ -190,9 +195,9 @@ def get_tokenizer(name: str, cache_dir, texts: Iterable[str] | None = None, voca
         d = Path(cache_dir)
         if (d / RANKS_FILE).is_file():
             tok = Tokenizer.load(d)
-            if texts is not None and tok.vocab_size != vocab_size:
-                raise ValueError(f"tokenizer in {d} has vocab_size {tok.vocab_size}, asked for {vocab_size}: "
-                                 f"pass vocab_size={tok.vocab_size}, or delete {d} to re-train")
+            if texts is not None and tok.requested != vocab_size:
+                raise ValueError(f"tokenizer in {d} was trained for vocab_size {tok.requested}, asked for "
+                                 f"{vocab_size}: pass vocab_size={tok.requested}, or delete {d} to re-train")
             return tok
         if texts is None:
             raise FileNotFoundError(f"no trained BPE in {d} ({RANKS_FILE}) and no captions given to train one")

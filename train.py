@@ -45,20 +45,20 @@ class TrainConfig:
     preset: str = opt("tiny", "model preset: tiny | small | base")
     task: str = opt("pretrain", "pretrain (the --losses set) | retrieval | grounding (ITC + ITM fine-tuning)")
     losses: str = opt("itc,itm,mlm,mim,psl", "enabled objectives: itc (CLIP-like), itc,itm,mlm (ALBEF-like)...")
-    steps: int = opt(1500, "optimizer steps")
+    steps: int = opt(360, "optimizer steps")
     batch_size: int = opt(64, "per process")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     lr: float = opt(5e-4, "peak learning rate (the paper: 1e-4 for base)")
     min_lr: float = opt(5e-5, "cosine floor (the paper: 1e-5)")
     wd: float = opt(0.02, "AdamW weight decay on weight matrices")
-    warmup: int = opt(100, "linear warm-up steps")
+    warmup: int = opt(50, "linear warm-up steps")
     alpha: float = opt(0.4, "momentum distillation weight after its ramp")
     alpha_ramp: int = opt(0, "steps over which alpha ramps from 0 (0: one epoch, as the paper)")
     img_size: int = opt(0, "training resolution (0: the preset's)")
     init: str = opt("", "start from this SIMLA checkpoint's weights (fine-tuning)")
     init_vit: str = opt("", "initialise the image encoder from timm/DeiT weights (.pt/.pth state dict)")
     tokenizer: str = opt("bpe", "bpe (trained on the training captions, cached in the run) | gpt2 | DIR")
-    vocab_size: int = opt(4096, "BPE vocabulary size (before the 4 special tokens)")
+    vocab_size: int = opt(4096, "BPE vocabulary size, the 4 special tokens included")
     out: str = opt("runs/default", "run directory: checkpoints, log.jsonl, tokenizer, heat maps")
     resume: str = opt("", "latest | PATH: continue a run exactly (weights, optimizer, data position, RNG)")
     seed: int = opt(0, "global seed")
@@ -68,7 +68,7 @@ class TrainConfig:
     workers: int = opt(2, "data loader workers per process")
     log_every: int = opt(25, "steps between log lines")
     eval_every: int = opt(0, "steps between retrieval evaluations (0: only at the end)")
-    eval_k: int = opt(16, "ITM re-rank depth in train-time evaluation (eval.py --k for paper numbers)")
+    eval_k: int = opt(16, "ITM re-rank depth in train-time evaluation, 0 = ITC only (eval.py --k 128/256 for paper numbers)")
     save_every: int = opt(500, "steps between checkpoints")
     keep: int = opt(3, "checkpoints kept")
     max_nonfinite: int = opt(10, "consecutive non-finite losses that stop the run")
@@ -211,8 +211,9 @@ def check_resume_config(ckpt, tc, mc, path):
     old_t, old_m = ckpt["config"]["train"], ckpt["config"]["model"]
     conflicts = [f"--{k.replace('_', '-')}: checkpoint {old_t.get(k)!r}, now {getattr(tc, k)!r}"
                  for k in RESUME_MUST_MATCH if k in old_t and old_t[k] != getattr(tc, k)]
+    # vocab_size comes from the tokenizer, built later (its flags are compared above).
     conflicts += [f"model.{k}: checkpoint {v!r}, now {getattr(mc, k)!r}" for k, v in old_m.items()
-                  if getattr(mc, k, v) != v]
+                  if k != "vocab_size" and getattr(mc, k, v) != v]
     if conflicts:
         raise SystemExit(f"cannot resume from {path}: its configuration conflicts with these flags:\n  "
                          + "\n  ".join(conflicts) + "\nUse the checkpoint's values, or a new --out to start afresh.")
@@ -274,6 +275,9 @@ def main(argv=None):
         found = checkpoints(out) if tc.resume == "latest" else [Path(tc.resume)]
         if found:
             ckpt = load_checkpoint(found[-1])
+            if not isinstance(ckpt, dict) or not {"model", "optimizer", "step", "config"} <= ckpt.keys():
+                raise SystemExit(f"--resume: {found[-1]} is not a nanoSIMLA training checkpoint (weights only? "
+                                 f"use --init for fine-tuning from weights)")
             check_resume_config(ckpt, tc, mc, found[-1])
             print0(f"resuming from {found[-1]} at step {ckpt['step']}")
         elif tc.resume != "latest":
@@ -322,10 +326,14 @@ def main(argv=None):
 
     loader = D.build_loader(paths, tok, dc, tc.batch_size, rank=rank, world=world, seed=tc.seed,
                             workers=tc.workers, pin_memory=device.type == "cuda")
-    steps_per_epoch = len(loader)
-    if steps_per_epoch < tc.grad_accum:
+    try:
+        steps_per_epoch = len(loader)
+    except TypeError:  # tar shards stream: no length known in advance
+        steps_per_epoch = None
+    if steps_per_epoch is not None and steps_per_epoch < tc.grad_accum:
         raise SystemExit(f"{tc.data}: too few samples for one step of {tc.batch_size} x {world} x {tc.grad_accum}")
-    ramp = tc.alpha_ramp or steps_per_epoch // tc.grad_accum
+    # alpha ramps over the first epoch (the paper); a stream has no epoch length: --alpha-ramp or 1000 steps.
+    ramp = tc.alpha_ramp or (steps_per_epoch // tc.grad_accum if steps_per_epoch else 1000)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
 
     def batches():
@@ -333,9 +341,12 @@ def main(argv=None):
         nonlocal epoch, offset
         while True:
             loader.set_epoch(epoch, skip=offset)
+            got = 0
             for b in loader:
-                offset += 1
+                offset, got = offset + 1, got + 1
                 yield {k: v.to(device, non_blocking=True) for k, v in b.items()}
+            if got == 0 and offset == 0:
+                raise SystemExit(f"{tc.data}: an epoch gave no batch of {tc.batch_size}: too few samples per rank")
             epoch, offset = epoch + 1, 0
     data_iter = batches()
 
@@ -348,8 +359,7 @@ def main(argv=None):
 
     # Preemption: SIGTERM / SIGINT only raise a flag; the loop saves and exits between steps.
     stop = {"signal": None}
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, lambda sig, _: stop.update(signal=sig))
+    handlers = {s: signal.signal(s, lambda sig, _: stop.update(signal=sig)) for s in (signal.SIGTERM, signal.SIGINT)}
 
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     if log:
@@ -368,12 +378,16 @@ def main(argv=None):
         bad = False
         for micro in range(tc.grad_accum):
             batch = next(data_iter)
+            # The model's randomness (ITM hard negatives) is seeded by the step, not carried over: the
+            # DataLoader and evaluation also draw from the global RNG, at points a resumed run does not repeat.
+            torch.manual_seed(D.sample_seed(tc.seed, rank, step, micro))
             sync = nullcontext() if world == 1 or micro == tc.grad_accum - 1 else model.no_sync()
             with sync:
                 with amp:
                     losses = model(batch, alpha, terms)
                 # Non-finite check agreed by all ranks, so that no rank runs a backward the others skip.
-                flags = torch.tensor([float(not torch.isfinite(losses["loss"])), float(stop["signal"] is not None)])
+                flags = torch.tensor([float(not torch.isfinite(losses["loss"])), float(stop["signal"] is not None)],
+                                     device=device)  # NCCL reduces CUDA tensors only
                 if world > 1:
                     dist.all_reduce(flags)
                 if flags[0] > 0:
@@ -420,6 +434,8 @@ def main(argv=None):
             print0(f"signal {stop['signal']}: checkpoint saved at step {step}, exiting; --resume latest continues")
             break
     bar.close()
+    for s, h in handlers.items():  # the loop is over: Ctrl-C interrupts the evaluation again
+        signal.signal(s, h)
     if world > 1:
         dist.barrier()
 
@@ -441,8 +457,8 @@ def evaluate(raw, tok, tc, mc, device, out, final):
     vis = str(out / "vis") if final else None
     metrics = {}
     if tc.eval_data:
-        metrics.update(E.evaluate_retrieval(raw, tok, tc.eval_data, mc.img_size, mc.max_len, device, k=tc.eval_k,
-                                            vis_dir=vis))
+        metrics.update(E.evaluate_retrieval(raw, tok, tc.eval_data, mc.img_size, mc.max_len, device,
+                                            k=max(1, tc.eval_k), itc_only=tc.eval_k == 0, vis_dir=vis))
     if final and tc.ground_data:
         metrics.update(E.evaluate_grounding(raw, tok, tc.ground_data, mc.img_size, mc.max_len, device, vis_dir=vis))
     return metrics
