@@ -4,6 +4,7 @@
     python kernels/bench.py --preset base --precision bf16 --compile                    # one GPU
     python kernels/bench.py --preset base --precision bf16 --attn reference             # SDPA vs explicit
     python kernels/bench.py --preset tiny --sweep --steps 3 --warmup 1                  # scaling table
+    python kernels/bench.py --preset tiny --tactics --steps 5 --warmup 2                # each tactic on/off
 
 One timed step is a full training step: forward of the enabled terms
 (`model(batch, alpha, terms)`, SIMLA.forward runs every pass), backward, AdamW step, EMA update of the
@@ -76,7 +77,7 @@ import torch  # noqa: E402
 
 import losses as L  # noqa: E402
 import model as model_module  # noqa: E402
-from kernels import attention_reference, gather_masked  # noqa: E402
+from kernels import attention_reference, ema_update_, ema_update_reference_, gather_masked  # noqa: E402
 from model import PRESETS, SIMLA, ModelConfig  # noqa: E402
 
 TERMS = ("itc", "itm", "mlm", "mim", "psl")
@@ -409,8 +410,8 @@ def count_flops(model, batch, terms, alpha, amp):
     return counter.get_total_flops()
 
 
-def run_bench(args):
-    """Runs the benchmark described by parsed `args`; returns the result dict (the JSON line)."""
+def setup(args):
+    """What every mode shares: (device, terms, cfg, B, model, AdamW as train.py builds it, batch)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -419,11 +420,26 @@ def run_bench(args):
     cfg = build_config(args)
     B = args.batch_size or DEFAULT_BATCH.get(args.preset, 32)
     torch.manual_seed(args.seed)
-    amp = set_precision(device, args.precision)
     model = SIMLA(cfg).to(device)
     model.set_trainable(terms)
     opt = model.configure_optimizers(lr=1e-4, weight_decay=0.02, device_type=device.type)
-    batch = synthetic_batch(cfg, B, device, seed=args.seed)
+    return device, terms, cfg, B, model, opt, synthetic_batch(cfg, B, device, seed=args.seed)
+
+
+def train_step(fwd, model, opt, batch, alpha, terms, amp):
+    """One full training step; fwd is the model or its compiled wrapper."""
+    with amp():
+        loss = fwd(batch, alpha, terms)["loss"]
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.momentum_update()
+
+
+def run_bench(args):
+    """Runs the benchmark described by parsed `args`; returns the result dict (the JSON line)."""
+    device, terms, cfg, B, model, opt, batch = setup(args)
+    amp = set_precision(device, args.precision)
     n_mlm, n_mim = int((batch["mlm_labels"] != -100).sum()), int(batch["patch_mask"].sum())
     flops = step_flops(cfg, B, cfg.max_len, terms, n_mlm, n_mim)
     alpha = 0.4  # the paper's final value: every distillation term is computed, as in most of training
@@ -432,12 +448,7 @@ def run_bench(args):
         fwd = torch.compile(model, dynamic=False) if args.compile else model
 
         def step():
-            with amp():
-                loss = fwd(batch, alpha, terms)["loss"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            model.momentum_update()
+            train_step(fwd, model, opt, batch, alpha, terms, amp)
 
         for _ in range(args.warmup):  # compile, cuBLAS/allocator warm-up, CPU caches
             step()
@@ -523,6 +534,15 @@ def _ints(text):
     return [int(x) for x in text.split(",") if x]
 
 
+def run_child(argv):
+    """One step-time run (no breakdown) in a fresh process; returns its JSON line as a dict."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--json", "--no-breakdown", "--no-flop-check"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench run failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def sweep(args, argv):
     cfg = build_config(args)
     B = args.batch_size or DEFAULT_BATCH.get(args.preset, 32)
@@ -535,12 +555,7 @@ def sweep(args, argv):
     child = [a for a in argv if a not in ("--sweep", "--json")]
     rows = []
     for kind, b, s, t in grid:
-        cmd = [sys.executable, os.path.abspath(__file__), *child, "--json", "--no-breakdown", "--no-flop-check",
-               "--batch-size", str(b), "--img-size", str(s), "--max-len", str(t)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"sweep point failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
-        res = json.loads(done.stdout.strip().splitlines()[-1])
+        res = run_child([*child, "--batch-size", str(b), "--img-size", str(s), "--max-len", str(t)])
         rows.append(dict(vary=kind, B=b, img_size=s, text_len=t, step_ms=res["step_ms"],
                          step_ms_min=res["step_ms_min"], samples_per_s=res["samples_per_s"],
                          peak_mem_mib=res["peak_mem_mib"], flops=res["flops_per_step"],
@@ -567,6 +582,172 @@ def sweep(args, argv):
     return dict(sweep=rows)
 
 
+# ---------------------------------------------------------------------------------------------------
+# --tactics: every speed tactic of this codebase, before vs after at the same shapes, in one process.
+# Each row is the median of --steps timed calls after --warmup untimed ones.
+# ---------------------------------------------------------------------------------------------------
+TACTICS = ("sdpa", "masked_heads", "psl_one_layer", "itm_negatives", "ema_foreach", "adamw_foreach",
+           "adamw_fused", "bf16", "grad_ckpt", "data_workers", "compile")
+
+
+def masked_heads(model, hidden, hidden_image, sel, pm, gather_first=True):
+    """MLM logits (M, V) and MIM predictions (M', P) at the masked positions. hidden (B, T, C),
+    hidden_image (B, N, C). gather_first=False runs both heads on every position and selects after,
+    as the official code's BERT MLM head does (then cross-entropy with ignore_index)."""
+    if gather_first:
+        return model.mlm_logits(gather_masked(hidden, sel)), model.mim_head(gather_masked(hidden_image, pm))
+    return model.mlm_logits(hidden)[sel], model.mim_head(hidden_image)[pm]
+
+
+def sample_hard_negatives_loop(sim, ids):
+    """losses.sample_hard_negatives as the official ALBEF/SIMLA code writes it: softmax + 1e-5, the
+    same-image pairs zeroed, then one multinomial and one .item() (a host sync on GPU) per sample."""
+    same = ids[:, None] == ids[None, :]                                   # (B, B)
+    w_i2t = (torch.softmax(sim.float(), dim=1) + 1e-5).masked_fill(same, 0)
+    w_t2i = (torch.softmax(sim.float().t(), dim=1) + 1e-5).masked_fill(same, 0)
+    neg_txt = [torch.multinomial(w_i2t[b], 1).item() for b in range(len(ids))]
+    neg_img = [torch.multinomial(w_t2i[b], 1).item() for b in range(len(ids))]
+    return torch.tensor(neg_img, device=sim.device), torch.tensor(neg_txt, device=sim.device)
+
+
+def tactics(args, argv):
+    """--tactics: one row per tactic (TACTICS), before vs after; returns the result dict (the JSON line)."""
+    device, terms, cfg, B, model, opt, batch = setup(args)
+    amp, alpha, m = set_precision(device, args.precision), 0.4, model.momentum
+    ids, mask, pm, sel = batch["text_ids"], batch["text_mask"], batch["patch_mask"], batch["mlm_labels"] != -100
+    rows = []
+
+    def ms(fn, before=None):
+        time_calls(fn, args.warmup, device, before)
+        return statistics.median(time_calls(fn, args.steps, device, before)) * 1e3
+
+    def row(name, before, after, before_ms, after_ms, what, **extra):
+        rows.append(dict(tactic=name, before=before, after=after, before_ms=before_ms, after_ms=after_ms,
+                         speedup=before_ms / after_ms if before_ms and after_ms else None, what=what, **extra))
+
+    def step_ms(attn="sdpa", autocast=amp):
+        with attention_impl(attn):
+            return ms(lambda: train_step(model, model, opt, batch, alpha, terms, autocast))
+
+    # 1. SDPA never materialises the (Tq, Tk) probabilities: fused kernels, less memory traffic.
+    step = step_ms()
+    row("sdpa", "explicit softmax", "SDPA", step_ms("reference"), step, "full training step")
+
+    # 2. MLM predicts 15% of the words and MIM 75/256 of the patches: gathering first saves ~85% of the
+    # MLM head's FLOPs (its C x V decoder is the text side's largest matmul) and ~70% of the MIM head's.
+    h = torch.randn(B, cfg.max_len, cfg.width, device=device, requires_grad=True)     # (B, T, C)
+    hi = torch.randn(B, pm.shape[1], cfg.width, device=device, requires_grad=True)    # (B, N, C)
+
+    def heads(gather_first):
+        with amp():
+            logits, pred = masked_heads(model, h, hi, sel, pm, gather_first)
+        (logits.float().sum() + pred.float().sum()).backward()
+
+    def zero():
+        model.zero_grad(set_to_none=True)
+        h.grad = hi.grad = None
+    row("masked_heads", "all positions", "masked only", ms(lambda: heads(False), zero), ms(lambda: heads(True), zero),
+        f"MLM + MIM heads fwd+bwd, {int(sel.sum())} of {sel.numel()} tokens, {int(pm.sum())} of {pm.numel()} patches")
+
+    # 3. PSL reads one layer's CLS attention map: only that layer takes the explicit path.
+    with torch.no_grad(), amp():
+        img_m = m.encode_image(batch["image"])
+
+    def psl_pass():
+        with torch.no_grad(), amp():
+            m.fuse(ids, mask, img_m, probs_layer=-1)
+    with attention_impl("reference"):
+        every = ms(psl_pass)
+    row("psl_one_layer", "every layer explicit", "last layer only", every, ms(psl_pass),
+        "momentum text->image fusion, no grad")
+
+    # 4. ITM hard negatives: one multinomial per direction instead of 2B calls (and 2B host syncs on GPU).
+    feats = torch.nn.functional.normalize(torch.randn(2, B, cfg.embed_dim, device=device), dim=-1)
+    sim, image_id = feats[0] @ feats[1].t() / cfg.temp, batch["image_id"]             # (B, B)
+    row("itm_negatives", "per-sample loop", "vectorised", ms(lambda: sample_hard_negatives_loop(sim, image_id)),
+        ms(lambda: L.sample_hard_negatives(sim, image_id)), f"sample ITM hard negatives, batch {B}")
+
+    # 5. The EMA touches every parameter every step: a few multi-tensor kernels, not two per tensor.
+    pairs = [(p, model.get_parameter(n)) for n, p in m.named_parameters()]
+    mom, onl = [a for a, _ in pairs], [b for _, b in pairs]
+    row("ema_foreach", "per-tensor loop", "foreach lerp", ms(lambda: ema_update_reference_(mom, onl, 0.99)),
+        ms(lambda: ema_update_(mom, onl, 0.99)), f"momentum EMA over {len(pairs)} tensors")
+
+    # 6. AdamW: torch's default is the per-tensor loop on CPU, foreach on CUDA; configure_optimizers asks
+    # for fused on CUDA (one kernel for all parameters). Random gradients: the cost is shape-only.
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+
+    def adamw(**kw):
+        try:
+            o = torch.optim.AdamW(params, lr=1e-5, **kw)
+            o.step()  # creates the state: not a steady-state step
+        except (RuntimeError, TypeError, ValueError):  # fused unsupported on this device or torch
+            return None
+        return ms(o.step)
+    loop, foreach, fused = adamw(foreach=False), adamw(foreach=True), adamw(fused=True)
+    model.zero_grad(set_to_none=True)
+    what = f"optimizer.step over {len(params)} tensors"
+    row("adamw_foreach", "for-loop", "foreach", loop, foreach, what)
+    row("adamw_fused", "foreach", "fused", foreach, fused, what + (" (fused unsupported)" if fused is None else ""))
+
+    # 7. bf16 autocast: half the bytes and tensor-core matmuls on GPU; a CPU without bf16 units loses.
+    fp32 = step_ms(autocast=set_precision(device, "fp32"))
+    row("bf16", "fp32", "bf16 autocast", fp32, step_ms(autocast=set_precision(device, "bf16")), "full training step")
+    set_precision(device, args.precision)
+
+    # 8. Activation checkpointing trades a recomputed forward for every block's activations. Each setting
+    # runs in a fresh process: a CPU's max RSS only ever grows.
+    if args.tactics_fast:
+        row("grad_ckpt", "off", "on", None, None, "skipped (--tactics-fast)")
+    else:
+        child = [a for a in argv if a not in ("--tactics", "--tactics-fast", "--json", "--grad-ckpt")]
+        off, on = run_child(child), run_child(child + ["--grad-ckpt"])
+        row("grad_ckpt", "off", "on", off["step_ms"], on["step_ms"], "full step + peak memory, fresh processes",
+            before_mib=off["peak_mem_mib"], after_mib=on["peak_mem_mib"])
+
+    # 9. Loading must keep up with the step or the accelerator waits. Loader throughput over one epoch of a
+    # small synthetic world, after an untimed epoch (worker start-up, file cache). With workers the
+    # batches overlap the step; without, their time adds to it.
+    if args.tactics_fast:
+        row("data_workers", "workers 0", "workers 2", None, None, "skipped (--tactics-fast)")
+    else:
+        import tempfile
+        import data as D
+        from tokenizer import Tokenizer
+        with tempfile.TemporaryDirectory() as tmp:
+            D.synth(tmp, n_train=max(256, 2 * B), n_test=4, n_ground=4, img_size=cfg.img_size, procs=1)
+            dc = D.DataConfig(img_size=cfg.img_size, patch_size=cfg.patch_size, max_len=cfg.max_len)
+            tok = Tokenizer.train([c for _, caps in D.read_annotations(f"{tmp}/train.json", dc) for c in caps], 300)
+
+            def per_batch_ms(workers):
+                loader = D.build_loader(f"{tmp}/train.json", tok, dc, B, workers=workers)
+                for _ in range(2):  # the first epoch is the untimed one
+                    t0 = time.perf_counter()
+                    for _ in loader:
+                        pass
+                return (time.perf_counter() - t0) / len(loader) * 1e3
+            w0, w2 = per_batch_ms(0), per_batch_ms(2)
+        row("data_workers", "workers 0", "workers 2", w0, w2, f"ms per batch vs the step's {step:.1f} ms: "
+            f"{'keeps up' if w2 <= step else 'the step waits'}", step_ms=step, keeps_up=w2 <= step)
+    row("compile", "eager", "torch.compile", None, None, "see --compile (compiling takes minutes on CPU)")
+    return dict(preset=args.preset, device=str(device), threads=torch.get_num_threads(), precision=args.precision,
+                batch_size=B, terms=",".join(terms), steps=args.steps, warmup=args.warmup, tactics=rows)
+
+
+def report_tactics(res):
+    def cell(label, ms, mib=None):
+        return f"{label}: " + ("-" if ms is None else f"{ms:.2f} ms") + (f", {mib:.0f} MiB" if mib else "")
+    print(f"nanoSIMLA speed tactics | preset {res['preset']} | {res['device']} ({res['threads']} threads) | "
+          f"{res['precision']} | B {res['batch_size']} | median of {res['steps']} after {res['warmup']} warm-up")
+    print("\n| tactic | before | after | speed-up | what is measured |\n|---|---|---|---:|---|")
+    for r in res["tactics"]:
+        up = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        print(f"| {r['tactic']} | {cell(r['before'], r['before_ms'], r.get('before_mib'))} | "
+              f"{cell(r['after'], r['after_ms'], r.get('after_mib'))} | {up} | {r['what']} |")
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -591,6 +772,8 @@ def parse_args(argv):
     ap.add_argument("--sweep-batch", default=None, help="batch sizes, e.g. 16,64 (default B/2, 2B)")
     ap.add_argument("--sweep-img", default=None, help="image sizes, e.g. 32,128 (default S/2, 2S)")
     ap.add_argument("--sweep-len", default=None, help="text lengths, e.g. 16,64 (default T/2, 2T)")
+    ap.add_argument("--tactics", action="store_true", help="each speed tactic before vs after, one row each")
+    ap.add_argument("--tactics-fast", action="store_true", help="--tactics without the subprocess and data rows")
     # Every ModelConfig field can be overridden on top of the preset (--img-size, --max-len, --width...).
     for f in dataclasses.fields(ModelConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -606,6 +789,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.sweep:
         res = sweep(args, argv)
+    elif args.tactics or args.tactics_fast:
+        res = tactics(args, argv)
+        if not args.json:
+            report_tactics(res)
     else:
         res = run_bench(args)
         if not args.json:

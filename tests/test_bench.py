@@ -1,5 +1,6 @@
 """kernels/bench.py: the analytic FLOP model against a hand count and against torch's FlopCounterMode,
-the synthetic batch's format, the --attn reference switch, and a tiny end-to-end run of the CLI."""
+the synthetic batch's format, the --attn reference switch, a tiny end-to-end run of the CLI, and the
+--tactics mode with its "before" variants (per-sample hard negatives, heads on every position)."""
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 torch.set_num_threads(1)
 
+import losses as L  # noqa: E402
 import model as model_module  # noqa: E402
 from kernels import bench  # noqa: E402
 from model import SIMLA, ModelConfig  # noqa: E402
@@ -237,3 +239,83 @@ def test_sweep_table(capsys, monkeypatch):
     assert all(a.json and a.no_breakdown and not a.sweep for a in seen)
     assert [r["ratio"] for r in rows] == pytest.approx([1, 1, 2, 1, 1])
     assert "| measured/predicted |" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# --tactics: each speed tactic before vs after; the "before" variants must compute the same thing.
+# ---------------------------------------------------------------------------------------------
+def test_tactics_fast_end_to_end(capsys):
+    saved = model_module.attention
+    res = bench.main(TINY_ARGS + ["--warmup", "0", "--tactics-fast"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == json.loads(json.dumps(res))
+    assert "| tactic | before | after | speed-up | what is measured |" in out
+    rows = {r["tactic"]: r for r in res["tactics"]}
+    assert list(rows) == list(bench.TACTICS)
+    skipped = {"grad_ckpt", "data_workers", "compile"}           # fresh processes, a data set; see --compile
+    for name, r in rows.items():
+        if name in skipped:
+            assert r["before_ms"] is r["after_ms"] is r["speedup"] is None
+        else:
+            assert r["before_ms"] > 0 and r["after_ms"] > 0, name
+            assert r["speedup"] == pytest.approx(r["before_ms"] / r["after_ms"])
+    assert model_module.attention is saved  # the --attn reference switch is undone
+
+
+def test_tactics_grad_ckpt_and_data_rows(monkeypatch, capsys):
+    """The two rows --tactics-fast skips: the children are faked, the data world is cut to 16 images."""
+    import data as D
+    children, real_synth = [], D.synth
+
+    class Done:
+        returncode, stderr = 0, ""
+
+        def __init__(self, cmd):
+            children.append(cmd)
+            ckpt = "--grad-ckpt" in cmd
+            self.stdout = json.dumps(dict(step_ms=3.0 if ckpt else 2.0, peak_mem_mib=50.0 if ckpt else 80.0))
+
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: Done(cmd))
+    monkeypatch.setattr(D, "synth", lambda out, **kw: real_synth(out, **{**kw, "n_train": 16}))
+    args = TINY_ARGS + ["--warmup", "0", "--tactics", "--json"]
+    rows = {r["tactic"]: r for r in bench.main(args)["tactics"]}
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1
+    parsed = [bench.parse_args(c[2:]) for c in children]          # same shapes, fresh processes, ckpt off/on
+    assert [a.grad_ckpt for a in parsed] == [None, True]
+    assert all(a.json and not a.tactics and a.warmup == 0 and a.width == 16 and a.batch_size == 2 for a in parsed)
+    ck = rows["grad_ckpt"]
+    assert (ck["before_ms"], ck["after_ms"], ck["before_mib"], ck["after_mib"]) == (2.0, 3.0, 80.0, 50.0)
+    data = rows["data_workers"]
+    assert data["before_ms"] > 0 and data["after_ms"] > 0 and data["step_ms"] == rows["sdpa"]["after_ms"]
+    assert data["keeps_up"] == (data["after_ms"] <= data["step_ms"])
+
+
+@pytest.mark.parametrize("sampler", [bench.sample_hard_negatives_loop, L.sample_hard_negatives])
+def test_hard_negative_samplers_valid(sampler):
+    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])                  # repeated images are positives too
+    g = torch.Generator().manual_seed(0)
+    for temp in (1.0, 0.01):                                      # 0.01: the positives take nearly all mass
+        for _ in range(20):
+            sim = torch.randn(8, 8, generator=g) / temp
+            sim += 10 * (ids[:, None] == ids[None, :])            # make the forbidden pairs the most similar
+            neg_img, neg_txt = sampler(sim, ids)
+            assert neg_img.shape == neg_txt.shape == (8,) and neg_img.dtype == neg_txt.dtype == torch.long
+            assert (ids[neg_img] != ids).all() and (ids[neg_txt] != ids).all()
+
+
+def test_masked_heads_match_all_positions():
+    torch.manual_seed(0)
+    cfg = small_cfg(img_size=32, max_len=16)
+    model, batch = SIMLA(cfg), bench.synthetic_batch(cfg, 3)
+    sel, pm = batch["mlm_labels"] != -100, batch["patch_mask"]
+    grads = []
+    for gather_first in (True, False):
+        h = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)  # (B, T, C)
+        hi = torch.randn(3, 64, 16, generator=torch.Generator().manual_seed(2), requires_grad=True)  # (B, N, C)
+        logits, pred = bench.masked_heads(model, h, hi, sel, pm, gather_first)
+        assert logits.shape == (int(sel.sum()), 40) and pred.shape == (int(pm.sum()), 48)
+        (logits.square().sum() + pred.square().sum()).backward()
+        grads.append((logits.detach(), pred.detach(), h.grad, hi.grad, model.mlm_transform[0].weight.grad.clone()))
+        model.zero_grad(set_to_none=True)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

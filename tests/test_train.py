@@ -334,7 +334,8 @@ def test_sigterm_saves_a_loadable_checkpoint_and_resume_continues(world, tmp_pat
             deadline = time.time() + 120
             while not ((out / "log.jsonl").exists() and len(step_records(out)) >= 2):
                 assert proc.poll() is None, console.read_text()[-3000:]
-                assert time.time() < deadline, "no training progress in 120 s"
+                if time.time() > deadline:  # a guard against a hung child, not a speed check
+                    pytest.fail("no training progress in 120 s")
                 time.sleep(0.2)
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(timeout=60)
