@@ -395,17 +395,16 @@ def test_base_preset_has_the_paper_sizes():
 # a real learning check
 # ---------------------------------------------------------------------------------------------
 def test_overfit_one_batch_itc():
-    """100 AdamW steps at lr 1e-3 on one batch of 8 pairs. Not 20: at initialisation every caption
-    (and every image) has nearly the same CLS feature (cosine ~0.9998: the residual branches start
-    at std 0.02 / sqrt(2L), so CLS ~ its own embedding), ITC sits at log(K) until that symmetry
-    breaks, which takes ~35 steps here; then the loss falls steadily."""
-    cfg = tiny_cfg()
+    """20 AdamW steps at lr 1e-3 on one batch of 8 pairs drive ITC far down (measured: 2.13 -> 0.04).
+    In-batch contrast, as the tiny preset: with a queue of stale keys a from-scratch model first has to
+    break the symmetry of its near-identical CLS features (README, "What differs")."""
+    cfg = tiny_cfg(queue_size=0)
     b = make_batch(cfg, B=8, T=10, seed=3)
     model = _model(cfg).train()
     model.set_trainable(("itc",))
     opt = model.configure_optimizers(lr=1e-3, weight_decay=0.0)
     losses = []
-    for step in range(100):
+    for step in range(20):
         loss = model(b, alpha=0.0, terms=("itc",))["itc"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -413,4 +412,4 @@ def test_overfit_one_batch_itc():
         model.momentum_update()
         losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses)
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.25 * losses[0], losses
