@@ -343,7 +343,11 @@ class SIMLA(SIMLANet):
         no_decay = ("pos_embed", "cls_token", "mask_token")
         decay = [p for n, p in params if p.dim() >= 2 and not n.endswith(no_decay)]
         other = [p for n, p in params if not (p.dim() >= 2 and not n.endswith(no_decay))]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        # Fused AdamW: one kernel for all tensors (CUDA; CPU since torch 2.4, measured 3.7x faster than
+        # foreach there: README "Performance").
+        torch_ok = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)
+        fused = (device_type == "cuda" or device_type == "cpu" and torch_ok) and \
+            "fused" in inspect.signature(torch.optim.AdamW).parameters
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
 
