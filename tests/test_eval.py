@@ -318,3 +318,24 @@ def test_cli_end_to_end(world, tmp_path):
 
     r = run_cli("--ckpt", tmp_path / "missing.pt", "--data", world / "data/test.json")
     assert r.returncode != 0 and "missing.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_summarize_groups_seeds_and_averages_the_last_eval(tmp_path):
+    """`eval.py summarize`: NAME_s<seed> runs are grouped by NAME; the LAST eval line of each counts."""
+    for name, r1s in (("albef_s0", (1.0, 4.0)), ("albef_s1", (2.0, 6.0)), ("itc_s0", (0.5, 3.0))):
+        run = tmp_path / name
+        run.mkdir()
+        lines = [{"config": {}}, {"step": 1, "loss": 2.0}] + [
+            {"step": 10 * (i + 1), "eval": {"tr_r1": v, "ir_r1": v, "r_mean": v, "grounding_acc": 30.0}}
+            for i, v in enumerate(r1s)]
+        (run / "log.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "log.jsonl").write_text(json.dumps({"config": {}}) + "\n")
+    rows = E.summarize([str(p) for p in tmp_path.iterdir()])
+    assert set(rows) == {"albef", "itc"}
+    assert rows["albef"]["seeds"] == 2 and rows["albef"]["tr_r1"] == (5.0, 1.0)  # mean, std of 4 and 6
+    assert rows["itc"]["r_mean"] == (3.0, 0.0)
+    assert "| albef | 2 | 5.0 ± 1.0" in E.summary_table(rows)
+    E.draw_summary(tmp_path / "plot.png", rows)
+    from PIL import Image
+    assert Image.open(tmp_path / "plot.png").size[0] > 0
