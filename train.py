@@ -350,12 +350,12 @@ def main(argv=None):
             epoch, offset = epoch + 1, 0
     data_iter = batches()
 
+    config = {"train": dataclasses.asdict(tc), "model": dataclasses.asdict(mc), "data": dataclasses.asdict(dc)}
+
     def state():
         rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
         return {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                "offset": offset, "nonfinite": nonfinite_total, "rng": rng,
-                "config": {"train": dataclasses.asdict(tc), "model": dataclasses.asdict(mc),
-                           "data": dataclasses.asdict(dc)}}
+                "offset": offset, "nonfinite": nonfinite_total, "rng": rng, "config": config}
 
     # Preemption: SIGTERM / SIGINT only raise a flag; the loop saves and exits between steps.
     stop = {"signal": None}
@@ -363,7 +363,7 @@ def main(argv=None):
 
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     if log:
-        log.write(json.dumps({"config": state()["config"], "git": git_hash(), "command": sys.argv, "world": world,
+        log.write(json.dumps({"config": config, "git": git_hash(), "command": sys.argv, "world": world,
                               "start_step": step}) + "\n")
         print0(f"{sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M trained parameters, "
                f"{steps_per_epoch} batches/epoch, global batch {tc.batch_size * world * tc.grad_accum}, "
